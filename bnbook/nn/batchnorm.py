@@ -30,6 +30,8 @@ class _BatchNorm(nn.Module):
         track_running_stats: bool = True,
         device=None,
         dtype=None,
+        *,
+        bias: bool = True,
     ) -> None:
         super().__init__()
         if not isinstance(num_features, int) or num_features < 1:
@@ -44,7 +46,10 @@ class _BatchNorm(nn.Module):
         self.track_running_stats = track_running_stats
         if affine:
             self.weight = nn.Parameter(torch.empty(num_features, **factory))
-            self.bias = nn.Parameter(torch.empty(num_features, **factory))
+            if bias:
+                self.bias = nn.Parameter(torch.empty(num_features, **factory))
+            else:  # torch >= 2.6: a scale without a shift
+                self.register_parameter("bias", None)
         else:
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
@@ -71,9 +76,11 @@ class _BatchNorm(nn.Module):
         self.reset_running_stats()
         if self.affine:
             nn.init.ones_(self.weight)
-            nn.init.zeros_(self.bias)
+            if self.bias is not None:
+                nn.init.zeros_(self.bias)
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
+        bnf.check_float_tensor(input)
         if input.dim() not in self._ranks:
             expected = " or ".join(f"{r}D" for r in self._ranks)
             raise ValueError(f"expected {expected} input (got {input.dim()}D input)")
@@ -86,13 +93,12 @@ class _BatchNorm(nn.Module):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(input)
         factor = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:  # cumulative moving average
-                factor = 1.0 / float(self.num_batches_tracked)
+        count = self.training and self.track_running_stats
+        if count and self.momentum is None:  # cumulative moving average
+            factor = 1.0 / (float(self.num_batches_tracked) + 1.0)
         use_batch_stats = self.training or self.running_mean is None
         track = not self.training or self.track_running_stats
-        return bnf.batch_norm(
+        y = bnf.batch_norm(
             input,
             self.running_mean if track else None,
             self.running_var if track else None,
@@ -102,15 +108,23 @@ class _BatchNorm(nn.Module):
             factor,
             self.eps,
         )
+        if count:  # only after a successful update: a rejected batch leaves no trace
+            self.num_batches_tracked.add_(1)
+        return y
 
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ):
-        # state_dicts saved before num_batches_tracked existed load as torch's do.
+        # state_dicts saved before num_batches_tracked existed load as torch's do:
+        # the module keeps its own count (0 for a fresh module).
         version = local_metadata.get("version", None)
         key = prefix + "num_batches_tracked"
         if (version is None or version < 2) and self.track_running_stats and key not in state_dict:
-            state_dict[key] = torch.tensor(0, dtype=torch.long)
+            state_dict[key] = (
+                self.num_batches_tracked
+                if self.num_batches_tracked is not None
+                else torch.tensor(0, dtype=torch.long)
+            )
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
@@ -118,7 +132,8 @@ class _BatchNorm(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
-            f"affine={self.affine}, track_running_stats={self.track_running_stats}"
+            f"affine={self.affine}, bias={self.bias is not None}, "
+            f"track_running_stats={self.track_running_stats}"
         )
 
 

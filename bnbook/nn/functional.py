@@ -9,7 +9,14 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["batch_norm", "check_per_channel", "check_finite", "channel_dims"]
+__all__ = [
+    "batch_norm",
+    "batch_norm_fast",
+    "check_float_tensor",
+    "check_per_channel",
+    "check_finite",
+    "channel_dims",
+]
 
 
 def channel_dims(ndim: int) -> list[int]:
@@ -17,6 +24,14 @@ def channel_dims(ndim: int) -> list[int]:
     if ndim < 2:
         raise ValueError(f"expected an input of shape (N, C) or (N, C, *), got {ndim}D input")
     return [0, *range(2, ndim)]
+
+
+def check_float_tensor(x, name: str = "input") -> None:
+    """Raise ``TypeError`` unless ``x`` is a floating-point ``torch.Tensor``."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must have a floating dtype, got {x.dtype}")
 
 
 def check_per_channel(t: torch.Tensor | None, name: str, num_channels: int) -> None:
@@ -63,17 +78,23 @@ def batch_norm(
 
     Raises
     ------
+    TypeError
+        If ``input`` is not a floating-point tensor.
     ValueError
-        Rank below 2; a per-channel tensor whose length is not ``C``; one value
-        per channel in training; evaluation without running statistics;
-        NaN or infinity in an input that would update running statistics.
+        Rank below 2; a per-channel tensor whose length is not ``C``; only one
+        of ``running_mean`` and ``running_var`` given; one value per channel in
+        training; evaluation without running statistics; NaN or infinity in an
+        input that would update running statistics.
     """
+    check_float_tensor(input)
     dims = channel_dims(input.dim())
     C = input.shape[1]
     for t, name in ((running_mean, "running_mean"), (running_var, "running_var")):
         check_per_channel(t, name, C)
     check_per_channel(weight, "weight", C)
     check_per_channel(bias, "bias", C)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must be given together (or both None)")
     shape = (1, C) + (1,) * (input.dim() - 2)
     x = input.float() if input.dtype in (torch.float16, torch.bfloat16) else input
 
@@ -88,12 +109,16 @@ def batch_norm(
         centered = x - mean
         var = (centered * centered).mean(dim=dims, keepdim=True)
         x_hat = centered * torch.rsqrt(var + eps)
-        if running_mean is not None and running_var is not None:
+        if running_mean is not None:
             check_finite(input)
             with torch.no_grad():
-                running_mean.mul_(1.0 - momentum).add_(mean.reshape(C).to(running_mean.dtype), alpha=momentum)
+                running_mean.mul_(1.0 - momentum).add_(
+                    mean.reshape(C).to(running_mean.dtype), alpha=momentum
+                )
                 unbiased = var.reshape(C) * (m / (m - 1))
-                running_var.mul_(1.0 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+                running_var.mul_(1.0 - momentum).add_(
+                    unbiased.to(running_var.dtype), alpha=momentum
+                )
     else:
         if running_mean is None or running_var is None:
             raise ValueError(
@@ -109,3 +134,7 @@ def batch_norm(
     if bias is not None:
         y = y + bias.to(x.dtype).reshape(shape)
     return y.to(input.dtype)
+
+
+# The hand-written autograd.Function version; imported last because it uses the checks above.
+from bnbook.nn.fast import batch_norm_fast  # noqa: E402
