@@ -61,7 +61,7 @@ class InputRecorder:
         stacked per name. For example ``lambda t: torch.quantile(t[:, 0],
         torch.tensor([.15, .5, .85]))`` follows one unit's distribution.
 
-    Only forward passes made while :attr:`active` is True are recorded, so
+    Only forward passes made while ``active`` is True are recorded, so
     evaluation passes do not pollute the record.
     """
 
@@ -161,9 +161,20 @@ def train(
     Returns
     -------
     History
+
+    Raises
+    ------
+    ValueError
+        If ``steps``, ``eval_every`` or ``record_every`` is not positive, the batch
+        is larger than the training set, or only one of ``record`` and
+        ``statistic`` is given.
     """
     if steps < 1:
         raise ValueError(f"steps must be positive, got {steps}")
+    if eval_every < 1 or (record_every is not None and record_every < 1):
+        raise ValueError(
+            f"eval_every and record_every must be positive, got {eval_every} and {record_every}"
+        )
     if batch_size > len(data.x_train):
         raise ValueError(
             f"batch_size {batch_size} exceeds the {len(data.x_train)} training examples"
