@@ -11,18 +11,23 @@ gradient (see :func:`bnbook.functional.batch_norm_backward`):
         \Big(dy - \frac{1}{m}\sum dy - \hat x\,\frac{1}{m}\sum dy\,\hat x\Big).
 
 What makes it fast is counting passes over the ``(N, C, *)`` tensor, since on
-a CPU batch norm is limited by memory traffic, not arithmetic:
+a CPU batch norm is limited by memory traffic, not arithmetic. Viewing the
+input as ``(N, C, S)`` (``S`` the flattened spatial axes):
 
-- forward: one read for the mean, one read and one write for the centred
-  input ``x - mu``, one read for its sum of squares, and one fused multiply-add
-  ``y = beta' + (x - mu) * gamma'`` with per-channel ``gamma' = gamma / sigma``;
-- only the centred input and two ``(C,)`` vectors are saved for backward;
-- backward: one read for :math:`\sum dy`, one reading both tensors for
-  :math:`\sum dy\,(x-\mu)`, and two fused multiply-adds for ``dx``.
+- forward: a sum for the mean, ``x - mu`` (the only saved tensor), a sum and a
+  batched dot product (``bmm``, no squared temporary) for the variance, and
+  ``y = (x - mu) * scale + offset`` with per-channel ``scale, offset``, the
+  add in place;
+- backward: a sum for :math:`\sum dy`, a batched dot product for
+  :math:`\sum dy\,(x-\mu)`, and ``dx`` as one fused multiply-add followed by
+  two in-place per-channel updates.
 
-The statistics are two-pass (mean first, then squared deviations), which is
-accurate for data whose mean is large compared with its spread; the one-pass
-:math:`E[x^2]-E[x]^2` is not (see :mod:`bnbook.numerics`).
+The statistics are the corrected two-pass ones (Chan, Golub and LeVeque
+1983): the mean, then the squared deviations, minus the square of the mean
+deviation, which removes the rounding error of the float32 mean. They are
+accurate for data whose mean is large compared with its spread, where the
+one-pass :math:`E[x^2]-E[x]^2` loses every digit and a plain two-pass keeps
+the mean's rounding error (see :mod:`bnbook.numerics`).
 
 The backward is not itself differentiable: double backward raises a
 ``RuntimeError`` (``once_differentiable``). Use
@@ -83,7 +88,7 @@ class BatchNormFunction(torch.autograd.Function):
         invstd = torch.rsqrt(var + eps)
         scale = invstd if weight is None else invstd * weight
         offset = -shift * scale if bias is None else bias - shift * scale
-        # A product then an in-place add: a broadcasting addcmul is slower on CPU.
+        # y = (x - mu) * scale + offset; the add in place, so no second new tensor
         y = centered * scale[:, None]
         y.add_(offset[:, None])
         ctx.save_for_backward(centered, shift, invstd, weight)
@@ -106,8 +111,8 @@ class BatchNormFunction(torch.autograd.Function):
             a = invstd if weight is None else invstd * weight
             k = -(invstd * invstd * sum_dy_xmu) / m
             # dx = a * (dy - sum_dy / m + k * (x - mu)): one new tensor, then in place.
-            dx = centered * k[:, None]
-            dx.add_(dy).add_((-sum_dy / m - k * shift)[:, None]).mul_(a[:, None])
+            dx = torch.addcmul(dy, centered, k[:, None])
+            dx.add_((-sum_dy / m - k * shift)[:, None]).mul_(a[:, None])
         if weight is not None and ctx.needs_input_grad[1]:
             dweight = sum_dy_xmu * invstd
         if ctx.has_bias and ctx.needs_input_grad[2]:
