@@ -174,13 +174,20 @@ def read_idx(path) -> np.ndarray:
 
 
 def _find(folder: Path, stem: str) -> Path:
-    for name in (stem, stem + ".gz", stem.replace("-idx", ".idx"), stem.replace("-idx", ".idx") + ".gz"):
+    for name in (
+        stem,
+        stem + ".gz",
+        stem.replace("-idx", ".idx"),
+        stem.replace("-idx", ".idx") + ".gz",
+    ):
         if (folder / name).is_file():
             return folder / name
     raise FileNotFoundError(f"no {stem}[.gz] in {folder}")
 
 
-def load_mnist(folder, test_fraction: float | None = None, seed: int = 0, dtype=torch.float32) -> Dataset:
+def load_mnist(
+    folder, test_fraction: float | None = None, seed: int = 0, dtype=torch.float32
+) -> Dataset:
     """Load MNIST from IDX files you already have (this function never downloads).
 
     Expects ``train-images-idx3-ubyte``, ``train-labels-idx1-ubyte``,
@@ -205,7 +212,8 @@ def load_mnist(folder, test_fraction: float | None = None, seed: int = 0, dtype=
         labels = read_idx(_find(folder, f"{split}-labels-idx1-ubyte"))
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
             raise ValueError(
-                f"{split}: images of shape {images.shape} do not match labels of shape {labels.shape}"
+                f"{split}: images of shape {images.shape} do not match "
+                f"labels of shape {labels.shape}"
             )
         parts[split] = (images, labels.astype(np.int64))
     if test_fraction is not None:

@@ -181,40 +181,16 @@ class SyncBatchNorm(_BatchNorm):
         )
         self.process_group = process_group
 
+    _functional = staticmethod(batch_norm_fast)
+
     def _check_input_dim(self, input: torch.Tensor) -> None:
-        bnf.check_float_tensor(input)
         if input.dim() < 2:
             raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
-        if input.shape[1] != self.num_features:
-            raise ValueError(
-                f"{type(self).__name__}({self.num_features}) got an input with "
-                f"{input.shape[1]} channels (dim 1) and shape {tuple(input.shape)}"
-            )
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        self._check_input_dim(input)
-        factor = 0.0 if self.momentum is None else self.momentum
-        count = self.training and self.track_running_stats
-        if count and self.momentum is None:  # cumulative moving average, as torch
-            factor = 1.0 / (float(self.num_batches_tracked) + 1.0)
-        use_batch_stats = self.training or self.running_mean is None
-        if not (self.training and is_synchronized(self.process_group)):
-            track = not self.training or self.track_running_stats
-            y = batch_norm_fast(
-                input,
-                self.running_mean if track else None,
-                self.running_var if track else None,
-                self.weight,
-                self.bias,
-                use_batch_stats,
-                factor,
-                self.eps,
-            )
-        else:
-            y = self._synchronized(input, factor if count else None)
-        if count:
-            self.num_batches_tracked.add_(1)
-        return y
+    def _normalize(self, input: torch.Tensor, factor: float) -> torch.Tensor:
+        if self.training and is_synchronized(self.process_group):
+            return self._synchronized(input, factor if self.track_running_stats else None)
+        return super()._normalize(input, factor)
 
     def _synchronized(self, input: torch.Tensor, factor: float | None) -> torch.Tensor:
         N, C = input.shape[0], input.shape[1]
@@ -225,13 +201,7 @@ class SyncBatchNorm(_BatchNorm):
         y, mean, var, total = _SyncBatchNormFunction.apply(x3, w, b, self.eps, self.process_group)
         if factor is not None:
             total = int(total.item())
-            with torch.no_grad():
-                self.running_mean.mul_(1.0 - factor).add_(
-                    mean.to(self.running_mean.dtype), alpha=factor
-                )
-                self.running_var.mul_(1.0 - factor).add_(
-                    (var * (total / (total - 1))).to(self.running_var.dtype), alpha=factor
-                )
+            bnf.update_running_stats(self.running_mean, self.running_var, mean, var, total, factor)
         return y.reshape(input.shape).to(input.dtype)
 
     def extra_repr(self) -> str:

@@ -79,26 +79,36 @@ class _BatchNorm(nn.Module):
             if self.bias is not None:
                 nn.init.zeros_(self.bias)
 
+    # The arithmetic; SyncBatchNorm swaps in the hand-written autograd Function.
+    _functional = staticmethod(bnf.batch_norm)
+
     def _check_input_dim(self, input: torch.Tensor) -> None:
-        bnf.check_float_tensor(input)
+        """Raise ``ValueError`` unless the input rank is one this class accepts."""
         if input.dim() not in self._ranks:
             expected = " or ".join(f"{r}D" for r in self._ranks)
             raise ValueError(f"expected {expected} input (got {input.dim()}D input)")
+
+    def _check_input(self, input: torch.Tensor) -> None:
+        bnf.check_float_tensor(input)
+        self._check_input_dim(input)
         if input.shape[1] != self.num_features:
             raise ValueError(
                 f"{type(self).__name__}({self.num_features}) got an input with "
                 f"{input.shape[1]} channels (dim 1) and shape {tuple(input.shape)}"
             )
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        self._check_input_dim(input)
-        factor = 0.0 if self.momentum is None else self.momentum
-        count = self.training and self.track_running_stats
-        if count and self.momentum is None:  # cumulative moving average
-            factor = 1.0 / (float(self.num_batches_tracked) + 1.0)
+    def _average_factor(self) -> float:
+        """Weight of this batch in the running statistics (as torch computes it)."""
+        if self.momentum is not None:
+            return self.momentum
+        if self.training and self.track_running_stats:  # cumulative moving average
+            return 1.0 / (float(self.num_batches_tracked) + 1.0)
+        return 0.0
+
+    def _normalize(self, input: torch.Tensor, factor: float) -> torch.Tensor:
         use_batch_stats = self.training or self.running_mean is None
         track = not self.training or self.track_running_stats
-        y = bnf.batch_norm(
+        return self._functional(
             input,
             self.running_mean if track else None,
             self.running_var if track else None,
@@ -108,7 +118,12 @@ class _BatchNorm(nn.Module):
             factor,
             self.eps,
         )
-        if count:  # only after a successful update: a rejected batch leaves no trace
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        self._check_input(input)
+        y = self._normalize(input, self._average_factor())
+        if self.training and self.track_running_stats:
+            # only after a successful update: a rejected batch leaves no trace
             self.num_batches_tracked.add_(1)
         return y
 

@@ -155,29 +155,14 @@ def batch_norm_fast(
         training; evaluation without running statistics; NaN or infinity in an
         input that would update running statistics.
     """
-    bnf.check_float_tensor(input)
-    bnf.channel_dims(input.dim())
-    N, C = input.shape[0], input.shape[1]
-    for t, name in (
-        (running_mean, "running_mean"),
-        (running_var, "running_var"),
-        (weight, "weight"),
-        (bias, "bias"),
-    ):
-        bnf.check_per_channel(t, name, C)
-    if (running_mean is None) != (running_var is None):
-        raise ValueError("running_mean and running_var must be given together (or both None)")
+    C = bnf.check_batch_norm_args(input, running_mean, running_var, weight, bias, training)
+    N = input.shape[0]
     x = input.float() if input.dtype in _HALF else input
     w = None if weight is None else weight.to(x.dtype)
     b = None if bias is None else bias.to(x.dtype)
 
     if training:
         m = input.numel() // C
-        if m <= 1:
-            raise ValueError(
-                f"Expected more than 1 value per channel when training, got input size "
-                f"{input.size()}"
-            )
         x3 = x.reshape(N, C, -1).contiguous()
         y, mean, var = BatchNormFunction.apply(x3, w, b, eps)
         if running_mean is not None:
@@ -185,18 +170,9 @@ def batch_norm_fast(
             # checking the 2C statistics is as strict as checking every input value.
             if not bool(torch.isfinite(mean).all() and torch.isfinite(var).all()):
                 bnf.check_finite(input)
-            with torch.no_grad():
-                running_mean.mul_(1.0 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
-                running_var.mul_(1.0 - momentum).add_(
-                    (var * (m / (m - 1))).to(running_var.dtype), alpha=momentum
-                )
+            bnf.update_running_stats(running_mean, running_var, mean, var, m, momentum)
         return y.reshape(input.shape).to(input.dtype)
 
-    if running_mean is None or running_var is None:
-        raise ValueError(
-            "running_mean and running_var are required in evaluation mode "
-            "(training=False); pass training=True to use batch statistics"
-        )
     shape = (1, C) + (1,) * (input.dim() - 2)
     scale = torch.rsqrt(running_var.to(x.dtype) + eps)
     if w is not None:

@@ -12,6 +12,8 @@ import torch
 __all__ = [
     "batch_norm",
     "batch_norm_fast",
+    "check_batch_norm_args",
+    "update_running_stats",
     "check_float_tensor",
     "check_per_channel",
     "check_finite",
@@ -52,6 +54,48 @@ def check_finite(x: torch.Tensor) -> None:
         )
 
 
+def check_batch_norm_args(input, running_mean, running_var, weight, bias, training) -> int:
+    """Validate the arguments of a ``batch_norm`` call; return the channel count ``C``.
+
+    Raises the ``TypeError``/``ValueError`` documented in :func:`batch_norm`.
+    """
+    check_float_tensor(input)
+    channel_dims(input.dim())
+    C = input.shape[1]
+    for t, name in (
+        (running_mean, "running_mean"),
+        (running_var, "running_var"),
+        (weight, "weight"),
+        (bias, "bias"),
+    ):
+        check_per_channel(t, name, C)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must be given together (or both None)")
+    if training and input.numel() // C <= 1:
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got input size {input.size()}"
+        )
+    if not training and running_mean is None:
+        raise ValueError(
+            "running_mean and running_var are required in evaluation mode "
+            "(training=False); pass training=True to use batch statistics"
+        )
+    return C
+
+
+@torch.no_grad()
+def update_running_stats(running_mean, running_var, mean, var, m: int, momentum: float) -> None:
+    r"""In place: :math:`r \leftarrow (1-\text{momentum})\,r + \text{momentum}\,s`.
+
+    ``mean`` and ``var`` are the batch's per-channel mean and *biased* variance
+    over ``m`` values; the running variance receives the unbiased
+    :math:`\frac{m}{m-1}\sigma^2`, as in Ioffe and Szegedy's Algorithm 2 and torch.
+    """
+    running_mean.mul_(1.0 - momentum).add_(mean.reshape(-1).to(running_mean.dtype), alpha=momentum)
+    unbiased = var.reshape(-1) * (m / (m - 1))
+    running_var.mul_(1.0 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+
+
 def batch_norm(
     input: torch.Tensor,
     running_mean: torch.Tensor | None,
@@ -86,45 +130,21 @@ def batch_norm(
         training; evaluation without running statistics; NaN or infinity in an
         input that would update running statistics.
     """
-    check_float_tensor(input)
+    C = check_batch_norm_args(input, running_mean, running_var, weight, bias, training)
     dims = channel_dims(input.dim())
-    C = input.shape[1]
-    for t, name in ((running_mean, "running_mean"), (running_var, "running_var")):
-        check_per_channel(t, name, C)
-    check_per_channel(weight, "weight", C)
-    check_per_channel(bias, "bias", C)
-    if (running_mean is None) != (running_var is None):
-        raise ValueError("running_mean and running_var must be given together (or both None)")
     shape = (1, C) + (1,) * (input.dim() - 2)
     x = input.float() if input.dtype in (torch.float16, torch.bfloat16) else input
 
     if training:
         m = input.numel() // C
-        if m <= 1:
-            raise ValueError(
-                f"Expected more than 1 value per channel when training, got input size "
-                f"{input.size()}"
-            )
         mean = x.mean(dim=dims, keepdim=True)
         centered = x - mean
         var = (centered * centered).mean(dim=dims, keepdim=True)
         x_hat = centered * torch.rsqrt(var + eps)
         if running_mean is not None:
             check_finite(input)
-            with torch.no_grad():
-                running_mean.mul_(1.0 - momentum).add_(
-                    mean.reshape(C).to(running_mean.dtype), alpha=momentum
-                )
-                unbiased = var.reshape(C) * (m / (m - 1))
-                running_var.mul_(1.0 - momentum).add_(
-                    unbiased.to(running_var.dtype), alpha=momentum
-                )
+            update_running_stats(running_mean, running_var, mean, var, m, momentum)
     else:
-        if running_mean is None or running_var is None:
-            raise ValueError(
-                "running_mean and running_var are required in evaluation mode "
-                "(training=False); pass training=True to use batch statistics"
-            )
         mean = running_mean.to(x.dtype).reshape(shape)
         x_hat = (x - mean) * torch.rsqrt(running_var.to(x.dtype).reshape(shape) + eps)
 
