@@ -1,6 +1,7 @@
 # bnbook: two commands build and test everything; each sets itself up.
 #   make book   - execute every notebook and build the HTML book into _build/html
 #   make test   - unit tests + every notebook executed by nbmake
+#   make site-test - after `make book`: the built site checked in headless Chromium
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -8,7 +9,7 @@ STAMP  := $(VENV)/.bnbook-installed
 # Progress bars are for people at a terminal; builds and tests stay quiet.
 export BNBOOK_QUIET ?= 1
 
-.PHONY: book test lint format clean venv benchmark
+.PHONY: book test site-test lint format clean venv benchmark
 
 venv: $(STAMP)
 
@@ -24,6 +25,12 @@ book: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# After `make book`: open every page of _build/html in headless Chromium with
+# networking off (tests/test_site.py, marker "site"; needs Debian's chromium and
+# chromium-driver). Screenshots go to _build/screenshots/.
+site-test: $(STAMP)
+	$(BIN)/python -m pytest -n 0 -m site tests/test_site.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check bnbook tests notebooks benchmarks
