@@ -84,6 +84,16 @@ def _per_channel_view(a: np.ndarray, ndim: int) -> np.ndarray:
     return a.reshape((1, -1) + (1,) * (ndim - 2))
 
 
+def _affine_per_channel(x_hat: np.ndarray, weight, bias, dtype) -> np.ndarray:
+    """Scale and shift per channel (axis 1): ``gamma * x_hat + beta``, cast to ``dtype``."""
+    y = x_hat
+    if weight is not None:
+        y = y * _per_channel_view(weight, x_hat.ndim)
+    if bias is not None:
+        y = y + _per_channel_view(bias, x_hat.ndim)
+    return y.astype(dtype, copy=False)
+
+
 # --------------------------------------------------------------------------- #
 # The one shared operation
 # --------------------------------------------------------------------------- #
@@ -223,13 +233,7 @@ def batch_norm(
         mean = _per_channel_view(running_mean, x.ndim)
         var = _per_channel_view(running_var, x.ndim)
         x_hat = (x - mean) / np.sqrt(var + eps)
-
-    y = x_hat
-    if weight is not None:
-        y = y * _per_channel_view(weight, x.ndim)
-    if bias is not None:
-        y = y + _per_channel_view(bias, x.ndim)
-    return y.astype(x.dtype, copy=False)
+    return _affine_per_channel(x_hat, weight, bias, x.dtype)
 
 
 def batch_norm_backward(dy, x, weight=None, eps: float = 1e-5):
@@ -384,15 +388,6 @@ def _check_elementwise(a, name: str, shape: tuple[int, ...]) -> np.ndarray | Non
     if a.shape != shape:
         raise ValueError(f"{name} must have shape normalized_shape={shape}, got {a.shape}")
     return a
-
-
-def _affine_per_channel(x_hat: np.ndarray, weight, bias, dtype) -> np.ndarray:
-    y = x_hat
-    if weight is not None:
-        y = y * _per_channel_view(weight, x_hat.ndim)
-    if bias is not None:
-        y = y + _per_channel_view(bias, x_hat.ndim)
-    return y.astype(dtype, copy=False)
 
 
 def layer_norm(x, normalized_shape, weight=None, bias=None, eps: float = 1e-5):
