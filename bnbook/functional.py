@@ -108,7 +108,10 @@ def normalize(x, axes, eps: float = 1e-5):
     The variance is the biased (``1/m``) one, as in Ioffe and Szegedy (2015),
     Algorithm 1. It is computed in two passes, mean first and then the mean
     squared deviation, which stays accurate when the mean is large compared
-    with the spread (the one-pass ``E[x^2] - E[x]^2`` does not).
+    with the spread (the one-pass ``E[x^2] - E[x]^2`` does not). The centred
+    values are then corrected by their own mean, which is zero in exact
+    arithmetic but not when the mean was rounded (the "corrected two-pass"
+    algorithm; see :mod:`bnbook.numerics`).
 
     Parameters
     ----------
@@ -127,6 +130,11 @@ def normalize(x, axes, eps: float = 1e-5):
     x = _as_float_array(x)
     mean = x.mean(axis=axes, keepdims=True)
     centered = x - mean
+    # A mean rounded to the input's precision is off by up to half a spacing;
+    # the centred values know by how much.
+    correction = centered.mean(axis=axes, keepdims=True)
+    centered -= correction
+    mean = mean + correction
     var = np.mean(centered * centered, axis=axes, keepdims=True)
     x_hat = centered / np.sqrt(var + eps)
     return x_hat, mean, var

@@ -139,6 +139,10 @@ def batch_norm(
         m = input.numel() // C
         mean = x.mean(dim=dims, keepdim=True)
         centered = x - mean
+        # Corrected two-pass: remove what rounding the mean left in the centred values.
+        correction = centered.mean(dim=dims, keepdim=True)
+        centered = centered - correction
+        mean = mean + correction
         var = (centered * centered).mean(dim=dims, keepdim=True)
         x_hat = centered * torch.rsqrt(var + eps)
         if running_mean is not None:
