@@ -129,6 +129,16 @@ def _overrides_forward(module: nn.Module, base: type) -> bool:
     return type(module).forward is not base.forward
 
 
+def _filled(folded: nn.Module, w: torch.Tensor, b: torch.Tensor, requires_grad: bool) -> nn.Module:
+    """Copy the folded weight and bias into a fresh layer, in eval mode like its sources."""
+    with torch.no_grad():
+        folded.weight.copy_(w)
+        folded.bias.copy_(b)
+    folded.weight.requires_grad_(requires_grad)
+    folded.bias.requires_grad_(requires_grad)
+    return folded.eval()
+
+
 def fold_conv_bn(conv: nn.Module, bn: nn.Module) -> nn.Module:
     r"""Return a new convolution equal to ``bn(conv(x))`` for modules in eval mode.
 
@@ -200,12 +210,7 @@ def fold_conv_bn(conv: nn.Module, bn: nn.Module) -> nn.Module:
         device=w.device,
         dtype=w.dtype,
     )
-    with torch.no_grad():
-        folded.weight.copy_(w)
-        folded.bias.copy_(b)
-    folded.weight.requires_grad_(conv.weight.requires_grad)
-    folded.bias.requires_grad_(conv.weight.requires_grad)
-    return folded.eval()
+    return _filled(folded, w, b, conv.weight.requires_grad)
 
 
 def fold_linear_bn(linear: nn.Module, bn: nn.Module) -> nn.Linear:
@@ -242,12 +247,7 @@ def fold_linear_bn(linear: nn.Module, bn: nn.Module) -> nn.Linear:
     folded = nn.Linear(
         linear.in_features, linear.out_features, bias=True, device=w.device, dtype=w.dtype
     )
-    with torch.no_grad():
-        folded.weight.copy_(w)
-        folded.bias.copy_(b)
-    folded.weight.requires_grad_(linear.weight.requires_grad)
-    folded.bias.requires_grad_(linear.weight.requires_grad)
-    return folded.eval()
+    return _filled(folded, w, b, linear.weight.requires_grad)
 
 
 def _foldable(layer: nn.Module, bn: nn.Module) -> bool:

@@ -288,6 +288,16 @@ def test_old_state_dict_without_num_batches_tracked_loads_like_torch(trained):
 # --------------------------------------------------------------------------- #
 # Errors
 # --------------------------------------------------------------------------- #
+def _same_value_error(ours, ref, x) -> str:
+    """Both modules reject ``x`` with a ValueError, word for word the same; return it."""
+    with pytest.raises(ValueError) as ref_error:
+        ref(x)
+    with pytest.raises(ValueError) as ours_error:
+        ours(x)
+    assert str(ours_error.value) == str(ref_error.value)
+    return str(ours_error.value)
+
+
 @pytest.mark.parametrize(
     ("kind", "shape"),
     [("1d", (4,)), ("1d", (2, 3, 4, 5)), ("2d", (4, 3)), ("2d", (2, 3, 4)), ("2d", (2, 3, 1, 1, 1)),
@@ -296,11 +306,7 @@ def test_old_state_dict_without_num_batches_tracked_loads_like_torch(trained):
 def test_wrong_rank_is_rejected_with_torchs_message(kind, shape):
     ours_cls, torch_cls = CLASSES[kind]
     x = torch.randn(shape)
-    with pytest.raises(ValueError) as ref_error:
-        torch_cls(3)(x)
-    with pytest.raises(ValueError) as ours_error:
-        ours_cls(3)(x)
-    assert str(ours_error.value) == str(ref_error.value)
+    _same_value_error(ours_cls(3), torch_cls(3), x)
 
 
 def test_rank_below_two_is_rejected_by_the_functional():
@@ -329,12 +335,8 @@ def test_functional_per_channel_shape_mismatch_is_rejected(name):
 def test_one_value_per_channel_in_training_is_rejected_like_torch(kind, shape):
     ours_cls, torch_cls = CLASSES[kind]
     x = torch.randn(shape)
-    with pytest.raises(ValueError) as ref_error:
-        torch_cls(3)(x)
-    with pytest.raises(ValueError) as ours_error:
-        ours_cls(3)(x)
-    assert str(ours_error.value) == str(ref_error.value)
-    assert str(ours_error.value).startswith("Expected more than 1 value per channel when training")
+    message = _same_value_error(ours_cls(3), torch_cls(3), x)
+    assert message.startswith("Expected more than 1 value per channel when training")
     # fine in evaluation mode, where the running statistics are used
     torch.testing.assert_close(ours_cls(3).eval()(x), torch_cls(3).eval()(x))
 
